@@ -1,0 +1,146 @@
+"""The training loop: ``python -m disttrain.train [overrides]``, under torchrun, mpiexec or alone.
+
+Reads top to bottom: build every component from its config group, attach the
+synchronizer to the optimizer, loop, write the run directory.  The only
+synchronizer-specific code is inside ``optimizer.step()``, through the hooks
+``Synchronizer.attach`` registers (see disttrain/sync/base.py).
+
+Run directory (``hydra.run.dir``), written by rank 0 only:
+    metrics.jsonl   one record per logged step
+    summary.json    the run's figures and the resolved config
+    model.pt        the final model's state_dict
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import hydra
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import CONF_DIR, ConfigError, check_config
+from .models import evaluate, frame_loss
+
+log = logging.getLogger("disttrain")
+
+
+def run(cfg: DictConfig, run_dir: str) -> dict:
+    """Train as ``cfg`` says, write ``run_dir``, return the summary (on every rank)."""
+    check_config(cfg)
+    comm = instantiate(cfg.comm)
+    master = comm.rank == 0  # only rank 0 logs and writes shared files
+    device = getattr(comm, "device", torch.device("cpu"))
+    torch.manual_seed(cfg.train.seed)
+
+    data = instantiate(cfg.data)
+    batches = data.batches(comm.rank, comm.world_size, cfg.train.batch_size, cfg.train.seed)
+    eval_set = data.eval_set() if master else None
+    model = instantiate(cfg.model, input_dim=data.feat_dim, num_classes=data.num_classes).to(device)
+    optimizer = instantiate(cfg.optim)(model.parameters())
+    sync = instantiate(cfg.sync, comm=comm)
+
+    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w") if master else None
+    progress = _progress_bar(cfg, master)
+    samples_per_step = cfg.train.batch_size * comm.world_size
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count) since last log
+    eval_loss = eval_acc = float("nan")
+    start = time.perf_counter()
+    with sync.attach(model, optimizer):
+        for step in range(1, cfg.train.steps + 1):
+            features, labels = next(batches)
+            features, labels = features.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = frame_loss(model(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()  # the synchronizer exchanges gradients / models in hooks here
+            loss_sum += torch.stack([loss.detach().double(), loss.new_ones((), dtype=torch.float64)])
+            progress.update()
+
+            last = step == cfg.train.steps
+            if last:
+                sync.finish()
+            evaluating = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+            if step % cfg.train.log_every and not evaluating:
+                continue
+            with comm.uncounted():  # logging traffic is not the synchronizer's
+                comm.all_reduce_(loss_sum)
+            record = {"step": step, "samples": step * samples_per_step,
+                      "train_loss": float(loss_sum[0] / loss_sum[1]),
+                      "wall_s": time.perf_counter() - start}
+            loss_sum.zero_()
+            if master and evaluating:
+                eval_loss, eval_acc = evaluate(model, eval_set.features, eval_set.labels)
+                record.update(eval_loss=eval_loss, eval_acc=eval_acc)
+            record.update(_scalar_stats(sync.stats()))
+            if master:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                progress.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False)
+                if evaluating:
+                    log.info("step %d  train loss %.4f  eval loss %.4f  eval acc %.4f",
+                             step, record["train_loss"], eval_loss, eval_acc)
+    wall_s = time.perf_counter() - start
+    progress.close()
+
+    stats = sync.stats()
+    summary = {
+        "sync": sync.name, "world_size": comm.world_size, "steps": cfg.train.steps,
+        "samples": cfg.train.steps * samples_per_step, "wall_s": wall_s,
+        "samples_per_s": cfg.train.steps * samples_per_step / wall_s,
+        "eval_loss": eval_loss, "eval_acc": eval_acc,
+        "bytes_sent_per_step": stats["bytes_sent"] / cfg.train.steps,
+        "comm_s": stats["comm_s"], "stats": stats,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if master:
+        metrics.close()
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(run_dir, "model.pt"))
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log.info("done: %d steps, %.1f samples/s, eval loss %.4f, eval acc %.4f, %.0f bytes/step/worker",
+                 cfg.train.steps, summary["samples_per_s"], eval_loss, eval_acc,
+                 summary["bytes_sent_per_step"])
+    comm.close()
+    return summary
+
+
+def _scalar_stats(stats: dict) -> dict:
+    """The synchronizer's figures that fit one metrics record (numbers only)."""
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _progress_bar(cfg: DictConfig, master: bool):
+    from tqdm import tqdm
+
+    # disable=None hides the bar when stderr is not a terminal (CI logs, files).
+    return tqdm(total=cfg.train.steps, disable=None if (master and cfg.train.progress) else True,
+                desc="train", unit="step", dynamic_ncols=True)
+
+
+def _one_line(error: BaseException) -> str:
+    # Hydra wraps a constructor's ValueError; the cause names the key.
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, ValueError, InstantiationException, OmegaConfBaseException) as error:
+        print(f"disttrain: error: {_one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
