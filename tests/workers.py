@@ -44,6 +44,8 @@ def _child(fn, rank, world_size, store_path, timeout_s, args, queue, env):
                 dist.destroy_process_group()
             except Exception:
                 pass
+        queue.close()
+        queue.join_thread()  # the result must be flushed before the hard exit below
     os._exit(0)
 
 
@@ -76,10 +78,14 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args, timeout_s: float
                 try:
                     rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
                 except Exception:
-                    dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
-                    if dead and all(not p.is_alive() for p in procs):
+                    if any(p.is_alive() for p in procs) or not queue.empty():
+                        continue
+                    for r, p in enumerate(procs):  # everyone is gone; some said nothing
+                        if r not in results:
+                            results[r] = (False, f"died with exit code {p.exitcode} and no result")
+                    if not allow_failures:
+                        dead = [r for r, (ok, _) in results.items() if not ok]
                         raise WorkerError(f"workers {dead} died without a result")
-                    continue
                 results[rank] = (ok, payload)
         finally:
             for p in procs:

@@ -10,19 +10,25 @@ import torch.distributed as dist
 from ..launch import WorldInfo, detect_world
 from .base import Communicator
 
+# torch 2.13 renamed all_gather_into_tensor (the old name warns); keep both working.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _resolve_device(device: str, world: WorldInfo) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"comm.device={device!r}: valid values are auto, cpu, cuda, cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("comm.device=cuda but no CUDA device is visible; use comm.device=cpu")
         if dev.index is None:
             dev = torch.device("cuda", world.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
-    elif dev.type != "cpu":
-        raise ValueError(f"comm.device={device!r}: valid values are auto, cpu, cuda, cuda:N")
     return dev
 
 
@@ -97,7 +103,7 @@ class TorchCommunicator(Communicator):
     def _all_gather_v(self, message):
         # gloo and NCCL want equal sizes: exchange the counts, then pad to the longest.
         counts = torch.empty(self.world_size, dtype=torch.int64, device=message.device)
-        dist.all_gather_into_tensor(counts, torch.tensor([message.numel()], dtype=torch.int64,
+        _all_gather_flat(counts, torch.tensor([message.numel()], dtype=torch.int64,
                                                          device=message.device))
         counts = counts.tolist()
         sent = 8
@@ -107,7 +113,7 @@ class TorchCommunicator(Communicator):
         padded = message.new_zeros(longest)
         padded[: message.numel()] = message
         gathered = message.new_empty(self.world_size * longest)
-        dist.all_gather_into_tensor(gathered, padded)
+        _all_gather_flat(gathered, padded)
         self._sync_device()
         sent += longest * message.element_size()
         return [gathered[r * longest: r * longest + n] for r, n in enumerate(counts)], sent
