@@ -85,10 +85,21 @@ class BatchStream:
 
 
 class FrameData:
-    """What the training loop needs from a data source."""
+    """What the training loop needs from a data source.
+
+    ``batches`` yields ``(features, targets)``; ``loss(logits, targets)`` turns
+    the model's output into the training loss.  Here targets are frame labels
+    and the loss is frame cross-entropy; a source with other targets (the
+    teacher-student soft labels, say) overrides both.
+    """
 
     feat_dim: int
     num_classes: int
+
+    def loss(self, logits: torch.Tensor, targets) -> torch.Tensor:
+        from .models import frame_loss
+
+        return frame_loss(logits, targets)
 
     def train_set(self, rank: int, world_size: int) -> FrameSet:
         raise NotImplementedError
@@ -232,6 +243,18 @@ class FeatureFiles(FrameData):
 
     def eval_set(self) -> FrameSet:
         return self._concat(self.eval_files)
+
+
+def to_device(obj, device: torch.device):
+    """Move a tensor, or a (named) tuple or dict of tensors, to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        moved = [to_device(v, device) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    return obj
 
 
 def write_feature_shards(frames: FrameSet, directory: str, num_shards: int) -> list[str]:

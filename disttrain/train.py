@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import CONF_DIR, ConfigError, check_config
-from .models import evaluate, frame_loss
+from .data import to_device
+from .models import evaluate
 
 log = logging.getLogger("disttrain")
 
@@ -54,9 +55,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     start = time.perf_counter()
     with sync.attach(model, optimizer):
         for step in range(1, cfg.train.steps + 1):
-            features, labels = next(batches)
-            features, labels = features.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = frame_loss(model(features), labels)
+            features, targets = to_device(next(batches), device)
+            loss = data.loss(model(features), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()  # the synchronizer exchanges gradients / models in hooks here
