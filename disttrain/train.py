@@ -25,7 +25,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONF_DIR, ConfigError, check_config
+from .config import CONF_DIR, ConfigError, check_components, check_config
+from .checkpoint import Checkpointer, model_signature
+from .comm import CommError
 from .data import to_device
 from .models import evaluate
 
@@ -35,6 +37,7 @@ log = logging.getLogger("disttrain")
 def run(cfg: DictConfig, run_dir: str) -> dict:
     """Train as ``cfg`` says, write ``run_dir``, return the summary (on every rank)."""
     check_config(cfg)
+    check_components(cfg)
     comm = instantiate(cfg.comm)
     master = comm.rank == 0  # only rank 0 logs and writes shared files
     device = getattr(comm, "device", torch.device("cpu"))
@@ -47,14 +50,29 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     optimizer = instantiate(cfg.optim)(model.parameters())
     sync = instantiate(cfg.sync, comm=comm)
 
-    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w") if master else None
+    checkpoints = Checkpointer(run_dir, comm, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     progress = _progress_bar(cfg, master)
     samples_per_step = cfg.train.batch_size * comm.world_size
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count) since last log
     eval_loss = eval_acc = float("nan")
-    start = time.perf_counter()
+    first_step, wall_before = 1, 0.0
     with sync.attach(model, optimizer):
-        for step in range(1, cfg.train.steps + 1):
+        if cfg.train.resume == "auto":
+            state = checkpoints.load_latest(_run_identity(model, sync, comm))
+            if state is not None:
+                _restore(state, model, optimizer, sync, batches, comm)
+                first_step, wall_before = state["step"] + 1, state["wall_s"]
+                loss_sum.copy_(state["loss_sum"])
+        metrics = _open_metrics(run_dir, first_step) if master else None
+        if first_step > cfg.train.steps:
+            log.info("the run already reached train.steps=%d: raise train.steps to carry it on",
+                     cfg.train.steps)
+            sync.finish()
+            if master:
+                eval_loss, eval_acc = evaluate(model, eval_set.features, eval_set.labels)
+        progress.update(first_step - 1)
+        start = time.perf_counter() - wall_before
+        for step in range(first_step, cfg.train.steps + 1):
             features, targets = to_device(next(batches), device)
             loss = data.loss(model(features), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -64,10 +82,15 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
             progress.update()
 
             last = step == cfg.train.steps
+            evaluating = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+            logging_now = evaluating or step % cfg.train.log_every == 0
+            if checkpoints.due(step, cfg.train.steps):  # before finish(): resumable mid-block
+                pending_loss = torch.zeros_like(loss_sum) if logging_now else loss_sum
+                checkpoints.save(step, _snapshot(step, model, optimizer, sync, batches, comm, pending_loss,
+                                                 time.perf_counter() - start))
             if last:
                 sync.finish()
-            evaluating = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
-            if step % cfg.train.log_every and not evaluating:
+            if not logging_now:
                 continue
             with comm.uncounted():  # logging traffic is not the synchronizer's
                 comm.all_reduce_(loss_sum)
@@ -97,6 +120,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         "eval_loss": eval_loss, "eval_acc": eval_acc,
         "bytes_sent_per_step": stats["bytes_sent"] / cfg.train.steps,
         "comm_s": stats["comm_s"], "stats": stats,
+        "checkpoint_bytes": checkpoints.last_bytes, "checkpoint_s": checkpoints.last_seconds,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if master:
@@ -109,6 +133,56 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
                  summary["bytes_sent_per_step"])
     comm.close()
     return summary
+
+
+def _run_identity(model, sync, comm) -> dict:
+    """What a checkpoint must match to be resumed by this run."""
+    return {"model_signature": model_signature(model), "world_size": comm.world_size, "sync": sync.name}
+
+
+def _snapshot(step, model, optimizer, sync, batches, comm, loss_sum, wall_s) -> dict:
+    """Everything that makes a resumed run continue bit for bit, for this rank."""
+    import random
+
+    import numpy as np
+
+    return {
+        "step": step, "rank": comm.rank, "wall_s": wall_s, "loss_sum": loss_sum.cpu().clone(),
+        **_run_identity(model, sync, comm),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "sync_state": sync.state_dict(), "data": batches.state_dict(), "comm_stats": comm.stats,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+
+
+def _restore(state, model, optimizer, sync, batches, comm) -> None:
+    import random
+
+    import numpy as np
+
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sync.load_state_dict(state["sync_state"])
+    batches.load_state_dict(state["data"])
+    comm.stats = state["comm_stats"]
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _open_metrics(run_dir: str, first_step: int):
+    """metrics.jsonl for appending; on resume, records after the checkpoint are dropped."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    kept = []
+    if first_step > 1 and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] < first_step]
+    metrics = open(path, "w")
+    metrics.writelines(kept)
+    return metrics
 
 
 def _scalar_stats(stats: dict) -> dict:
@@ -140,6 +214,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, ValueError, InstantiationException, OmegaConfBaseException) as error:
         print(f"disttrain: error: {_one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except CommError as error:  # a peer is gone: say so in one line, exit non-zero at once
+        print(f"disttrain: error: {_one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

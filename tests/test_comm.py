@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from disttrain.comm import LocalCommunicator, TorchCommunicator
+from disttrain.comm import CommError, LocalCommunicator, TorchCommunicator
 from disttrain.launch import detect_world
 from workers import WorkerError, run_workers
 
@@ -49,7 +49,7 @@ def _die_or_wait(rank, world):
     start = time.perf_counter()
     try:
         comm.all_reduce_(torch.ones(4))
-    except Exception as e:  # gloo reports the lost peer (or the timeout)
+    except CommError as e:  # gloo reports the lost peer (or the timeout); we say what it means
         return "error", time.perf_counter() - start, str(e)
     return "no error", time.perf_counter() - start, ""
 
@@ -59,6 +59,7 @@ def test_dead_peer_ends_with_error_not_hang():
     outcome, seconds, message = results[0]
     assert outcome == "error"
     assert seconds < 30, message
+    assert message.startswith("all_reduce failed on rank 0") and "comm.timeout_s=5" in message
 
 
 def test_world_of_one_sends_nothing():

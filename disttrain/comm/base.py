@@ -57,6 +57,10 @@ class CommStats:
         }
 
 
+class CommError(RuntimeError):
+    """A collective failed: a peer died, hung past the timeout, or the link broke."""
+
+
 class Communicator(abc.ABC):
     """Collectives on flat tensors, with accounting.
 
@@ -132,7 +136,16 @@ class Communicator(abc.ABC):
     def _timed(self, op: str):
         self._last_bytes = 0
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except RuntimeError as e:  # gloo / NCCL / MPI errors: say what it means, keep the cause
+            if isinstance(e, CommError):
+                raise
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CommError(
+                f"{op} failed on rank {self.rank} after {time.perf_counter() - start:.1f} s: a peer "
+                f"died, hung past comm.timeout_s={getattr(self, 'timeout_s', '?')}, or the link broke "
+                f"({detail[:300]})") from e
         if self._counting:
             self.stats.record(op, self._last_bytes, time.perf_counter() - start)
 

@@ -32,6 +32,20 @@ def _resolve_device(device: str, world: WorldInfo) -> torch.device:
     return dev
 
 
+def _store(world: WorldInfo, timeout_s: float) -> dist.Store:
+    """The rendezvous store, with a key prefix per torchrun restart.
+
+    After ``torchrun --max-restarts`` restarts a failed group, the agent's store
+    still holds the dead workers' gloo addresses under the same keys; without a
+    per-attempt prefix the new workers read them and fail to connect.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.world_size,
+                        is_master=not agent_store and world.rank == 0,
+                        timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"disttrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", tcp)
+
+
 class TorchCommunicator(Communicator):
     """Collectives through torch.distributed.
 
@@ -79,7 +93,8 @@ class TorchCommunicator(Communicator):
                 if key not in os.environ:
                     raise ValueError(f"{key} is not set: launch with torchrun, or set {key} for rank 0's host")
             dist.init_process_group(
-                self.backend, rank=world.rank, world_size=world.world_size,
+                self.backend, store=_store(world, self.timeout_s), rank=world.rank,
+                world_size=world.world_size,
                 timeout=datetime.timedelta(seconds=self.timeout_s),
                 device_id=self.device if self.device.type == "cuda" else None,
             )
