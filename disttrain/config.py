@@ -17,10 +17,15 @@ class ConfigError(ValueError):
 def _run_id() -> str:
     # torchrun hands every rank the same run id (a uuid under --standalone, the
     # rendezvous id otherwise); a per-rank timestamp would split the run dir.
+    # Under mpiexec, rank 0's timestamp is shared over MPI.
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if run_id and run_id != "none":
         return f"torchrun-{run_id}"
+    if "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        from .comm.mpi import _mpi  # mpiexec: rank 0's timestamp names everyone's directory
+
+        return "mpi-" + _mpi().COMM_WORLD.bcast(stamp, root=0)
     return stamp
 
 

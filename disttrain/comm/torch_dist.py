@@ -83,7 +83,7 @@ class TorchCommunicator(Communicator):
         if self.backend == "nccl" and self.device.type != "cuda":
             raise ValueError("comm.backend=nccl needs comm.device=cuda (NCCL has no CPU tensors)")
         if world.world_size > 1:
-            if world.launcher != "torchrun" and "MASTER_ADDR" not in os.environ:
+            if world.launcher != "torchrun" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
                 from .mpi import share_master_address  # only MPI launchers lack MASTER_ADDR
 
                 share_master_address()
