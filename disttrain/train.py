@@ -113,13 +113,18 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     progress.close()
 
     stats = sync.stats()
+    # Ranks send different amounts (rank 0's initial broadcast, GTC's message sizes): report the mean.
+    per_worker = torch.tensor([stats["bytes_sent"], stats["comm_s"]], dtype=torch.float64, device=device)
+    with comm.uncounted():
+        comm.all_reduce_(per_worker)
+    bytes_mean, comm_s_mean = (per_worker / comm.world_size).tolist()
     summary = {
         "sync": sync.name, "world_size": comm.world_size, "steps": cfg.train.steps,
         "samples": cfg.train.steps * samples_per_step, "wall_s": wall_s,
         "samples_per_s": cfg.train.steps * samples_per_step / wall_s,
         "eval_loss": eval_loss, "eval_acc": eval_acc,
-        "bytes_sent_per_step": stats["bytes_sent"] / cfg.train.steps,
-        "comm_s": stats["comm_s"], "stats": stats,
+        "bytes_sent_per_step": bytes_mean / cfg.train.steps,  # mean over workers
+        "comm_s": comm_s_mean, "stats": stats,  # stats: rank 0's own figures
         "checkpoint_bytes": checkpoints.last_bytes, "checkpoint_s": checkpoints.last_seconds,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -352,7 +352,8 @@ def test_training_loop_writes_bmuf_stats(tmp_path):
     assert stats["syncs"] == 4 and stats["collectives_per_block"] == 2 and stats["block_position"] == 0
     model_bytes = stats["bytes_per_block"] - 16
     assert stats["bytes_per_step_amortised"] == stats["bytes_per_block"] / 5
-    # rank 0's broadcast, four syncs, and finish()'s control word (nobody mid-block: no exchange)
-    assert summary["bytes_sent_per_step"] == (model_bytes + 4 * (model_bytes + 16) + 16) / 20
+    # mean over the 2 workers of: rank 0's broadcast, four syncs, and finish()'s control word
+    # (nobody mid-block: no exchange)
+    assert summary["bytes_sent_per_step"] == (model_bytes / 2 + 4 * (model_bytes + 16) + 16) / 20
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["syncs"] for r in records] == [1, 2, 3, 4]

@@ -70,9 +70,10 @@ def test_two_workers_share_one_run_directory(tmp_path):
     assert summaries[0]["world_size"] == 2 and summaries[0]["samples"] == 30 * 8 * 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6  # one writer: rank 0
-    # Each step all-reduces every gradient once, plus rank 0's initial broadcast.
+    # Each step all-reduces every gradient once, plus rank 0's initial broadcast, averaged
+    # over the two workers.
     numel = sum(v.numel() for v in torch.load(tmp_path / "model.pt").values())
-    assert summaries[0]["bytes_sent_per_step"] == pytest.approx(numel * 4 * (1 + 1 / 30))
+    assert summaries[0]["bytes_sent_per_step"] == pytest.approx(numel * 4 * (1 + 1 / 30 / 2))
 
 
 def test_feature_files_run(tmp_path):
