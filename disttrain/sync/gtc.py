@@ -53,7 +53,8 @@ Options (the ``sync.*`` keys of ``conf/sync/gtc.yaml``):
   (REFERENCE.md section 1), so each worker keeps its own velocity
   u_k = m * u_k + g_k, adds u_k (not g_k) to its residual, and zeroes u_k where
   it sent; the optimizer must then have no momentum of its own (plain SGD on
-  the decoded average): ``optim.momentum=0``, or ``setup`` raises.  During
+  the decoded average): ``optim.momentum=0`` (``sync=gtc`` selects
+  ``optim=sgd_dgc``, which has none), or ``setup`` raises.  During
   warm-up the velocity runs on the dense average, which is exactly dense
   momentum SGD.
 * ``domain``: ``gradient`` (above; GRACE/DGC) or ``update`` (Strom's and
@@ -70,8 +71,8 @@ layout has), so every other rank raises too instead of waiting on it.
 
 Example (Hydra)::
 
-    python -m disttrain.train sync=gtc optim.momentum=0 optim.lr=0.75   # conf/sync/gtc.yaml defaults
-    python -m disttrain.train sync=gtc optim.momentum=0 sync.adaptive=true sync.density_max=0.005
+    python -m disttrain.train sync=gtc       # conf/sync/gtc.yaml also picks optim=sgd_dgc (no momentum)
+    python -m disttrain.train sync=gtc sync.adaptive=true sync.density_max=0.005
 
 In a user's loop::
 
