@@ -6,7 +6,7 @@ import torch
 
 from disttrain.comm import CommError, LocalCommunicator, TorchCommunicator
 from disttrain.launch import detect_world
-from workers import WorkerError, run_workers
+from workers import run_workers
 
 
 def _collectives(rank, world):

@@ -18,6 +18,8 @@ Example::
 """
 from __future__ import annotations
 
+import torch
+
 from .base import Synchronizer
 from .flat import FlatBuffer, gradients_of, set_gradients
 
@@ -40,8 +42,19 @@ class AllReduce(Synchronizer):
         if self.comm.world_size == 1:
             return
         assert self.grads is not None
-        self.grads.copy_from(gradients_of(self.params))
-        for bucket in self.grads.buckets(self.bucket_bytes):
-            self.comm.all_reduce_(bucket)
-        self.grads.data.div_(self.comm.world_size)
+        average_gradients(self.comm, self.params, self.grads, self.bucket_bytes)
         set_gradients(self.params, self.grads)
+
+
+def average_gradients(comm, params, grads: FlatBuffer, bucket_bytes: int) -> torch.Tensor:
+    """Copy ``params``' gradients into ``grads`` and replace them by their mean over workers.
+
+    One collective per ``bucket_bytes`` slice.  Also the warm-up step of GTC and BMUF.
+    Returns the flat buffer; writing it back into ``p.grad`` is the caller's choice.
+    """
+    grads.copy_from(gradients_of(params))
+    if comm.world_size > 1:
+        for bucket in grads.buckets(bucket_bytes):
+            comm.all_reduce_(bucket)
+        grads.data.div_(comm.world_size)
+    return grads.data

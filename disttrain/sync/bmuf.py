@@ -85,8 +85,9 @@ from __future__ import annotations
 
 import torch
 
+from .allreduce import average_gradients
 from .base import Synchronizer
-from .flat import FlatBuffer, gradients_of, set_gradients
+from .flat import FlatBuffer, set_gradients
 
 VARIANTS = ("classical", "nesterov", "fairseq_nesterov")
 LOCAL_MOMENTUM = ("reset", "keep", "average")
@@ -165,10 +166,7 @@ class BMUF(Synchronizer):
         if self.steps >= self.warmup_steps or self.comm.world_size == 1:
             return
         assert self.grads is not None
-        self.grads.copy_from(gradients_of(self.params))
-        for bucket in self.grads.buckets(self.bucket_bytes):
-            self.comm.all_reduce_(bucket)
-        self.grads.data.div_(self.comm.world_size)
+        average_gradients(self.comm, self.params, self.grads, self.bucket_bytes)
         set_gradients(self.params, self.grads)
 
     def after_step(self) -> None:

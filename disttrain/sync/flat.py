@@ -64,9 +64,10 @@ def gradients_of(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | No
 
 
 def set_gradients(params: Sequence[torch.nn.Parameter], flat: FlatBuffer) -> None:
-    """Write the flat buffer back into ``p.grad``, creating grads that backward left as None."""
+    """Write the flat buffer back into ``p.grad`` in the parameter's dtype (a float32 buffer
+    serves fp16 parameters), creating grads that backward left as None."""
     for p, view in zip(params, flat.views):
         if p.grad is None:
-            p.grad = view.view(p.shape).clone()
+            p.grad = view.view(p.shape).to(p.dtype, copy=True)
         else:
             p.grad.copy_(view.view(p.shape))

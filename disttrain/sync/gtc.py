@@ -86,8 +86,9 @@ import math
 import torch
 
 from .. import gtc as codec
+from .allreduce import average_gradients
 from .base import Synchronizer
-from .flat import FlatBuffer, gradients_of
+from .flat import FlatBuffer, gradients_of, set_gradients
 
 DOMAINS = ("gradient", "update")
 _POISON = -1  # word 0xFFFFFFFF: index 2^31 - 1, beyond every accepted layout
@@ -193,7 +194,7 @@ class GTC(Synchronizer):
             if self.velocity is not None:
                 self.velocity, self._spare = self._spare, self.velocity
                 self.velocity[codec.words_to_indices_signs(words)[0].to(self.velocity.device)] = 0
-            _set_gradients(self.params, self.work)
+            set_gradients(self.params, self.work)
         else:
             self.before.copy_from([p.data for p in self.params])
 
@@ -259,15 +260,11 @@ class GTC(Synchronizer):
 
     def _dense_step(self) -> None:
         """Warm-up: the dense all-reduce (with the velocity on the average: dense momentum SGD)."""
-        flat = self.work.copy_from(gradients_of(self.params))
-        if self.comm.world_size > 1:
-            for bucket in self.work.buckets(self.bucket_bytes):
-                self.comm.all_reduce_(bucket)
-            flat.div_(self.comm.world_size)
+        flat = average_gradients(self.comm, self.params, self.work, self.bucket_bytes)
         if self.velocity is not None:
             self.velocity.mul_(self.momentum).add_(flat)
             flat.copy_(self.velocity)
-        _set_gradients(self.params, self.work)
+        set_gradients(self.params, self.work)
 
     def _non_finite_error(self, error: codec.NonFiniteGradientError, what: str) -> Exception:
         tensor, offset = self.residual.locate(error.index)
@@ -345,10 +342,3 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _set_gradients(params, flat: FlatBuffer) -> None:
-    """Write the float32 flat buffer into ``p.grad`` in the parameter's dtype (fp16 too)."""
-    for p, view in zip(params, flat.views):
-        if p.grad is None:
-            p.grad = view.view(p.shape).to(p.dtype, copy=True)
-        else:
-            p.grad.copy_(view.view(p.shape))
