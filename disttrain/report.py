@@ -208,7 +208,7 @@ def write_report(results_dir: str, out: str | None = None, target_loss: float | 
     md += [f"- model: {first.get('model')} with {first.get('model_params', 0):,} parameters "
            f"({first.get('model_params', 0) * 4 / 1e6:.1f} MB of float32 gradients), batch "
            f"{first['batch_size']} per worker, {first['steps']} steps per run",
-           f"- network: " + (f"emulated, every host limited to {net['rate']} (tbf, burst "
+           "- network: " + (f"emulated, every host limited to {net['rate']} (tbf, burst "
                              f"{net['burst_bytes']} bytes), one network namespace per worker on one "
                              f"bridge; no added per-message latency (the kernel has no netem)"
                              if net else "none (workers on one machine over loopback)"),
