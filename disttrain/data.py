@@ -111,7 +111,8 @@ class FrameData:
         return BatchStream(self.train_set(rank, world_size), batch_size, seed, rank)
 
 
-def _check_positive(**values) -> None:
+def check_positive(**values) -> None:
+    """Each ``data.KEY=value`` must be a positive integer; the error names the key."""
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
@@ -123,7 +124,7 @@ class SyntheticAcoustic(FrameData):
     def __init__(self, num_classes: int = 32, feat_dim: int = 40, utt_len: int = 64,
                  train_utts: int = 4096, eval_utts: int = 256, min_dur: int = 3, max_dur: int = 10,
                  tail: int = 2, noise: float = 3.0, seed: int = 1234) -> None:
-        _check_positive(num_classes=num_classes, feat_dim=feat_dim, utt_len=utt_len,
+        check_positive(num_classes=num_classes, feat_dim=feat_dim, utt_len=utt_len,
                         train_utts=train_utts, eval_utts=eval_utts, min_dur=min_dur,
                         max_dur=max_dur, tail=tail)
         if num_classes < 2 or num_classes % 2:
@@ -193,7 +194,7 @@ class FeatureFiles(FrameData):
     """
 
     def __init__(self, train_dir: str, eval_dir: str, num_classes: int, utt_len: int = 64) -> None:
-        _check_positive(num_classes=num_classes, utt_len=utt_len)
+        check_positive(num_classes=num_classes, utt_len=utt_len)
         self.train_files = self._list("train_dir", train_dir)
         self.eval_files = self._list("eval_dir", eval_dir)
         self.num_classes, self.utt_len = num_classes, utt_len

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import BatchStream, FrameData, FrameSet, SyntheticAcoustic, _check_positive
+from ..data import BatchStream, FrameData, FrameSet, SyntheticAcoustic, check_positive
 
 MANIFEST = "manifest.json"
 SCHEDULES = ("interleaved", "separate")
@@ -63,7 +63,7 @@ class LabelledAcoustic(SyntheticAcoustic):
 
     def __init__(self, labelled_utts: int = 256, **corpus) -> None:
         super().__init__(**corpus)
-        _check_positive(labelled_utts=labelled_utts)
+        check_positive(labelled_utts=labelled_utts)
         if labelled_utts >= self.train_utts:
             raise ValueError(f"data.labelled_utts={labelled_utts} must be < data.train_utts="
                              f"{self.train_utts} (the rest is the unlabelled split)")
@@ -238,7 +238,7 @@ class InterleavedData(FrameData):
                  labelled_every: int = 4, labelled_lr_scale: float = 2.0, total_steps: int = 300) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"data.schedule={schedule!r}: valid values are {', '.join(SCHEDULES)}")
-        _check_positive(labelled_every=labelled_every, total_steps=total_steps)
+        check_positive(labelled_every=labelled_every, total_steps=total_steps)
         if not isinstance(labelled_lr_scale, (int, float)) or not labelled_lr_scale > 0:
             raise ValueError(f"data.labelled_lr_scale must be a number > 0, got {labelled_lr_scale!r}")
         if targets_dir is not None and not os.path.isfile(os.path.join(targets_dir, MANIFEST)):
