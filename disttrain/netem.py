@@ -9,7 +9,7 @@ bucket on ``eth0`` limits what the host can send::
     ...               ┘
     tc qdisc add dev eth0 root tbf rate R burst R*1ms latency 50ms   (in every Hi)
 
-The burst is one millisecond at the line rate (REFERENCE.md section 4: a
+The burst is one millisecond at the line rate (measured here: a
 small burst such as 32 kbit caps throughput far below the rate).  The kernel
 here has no ``netem`` qdisc, so there is *no per-message latency* on these
 links: latency is modelled in ``disttrain.costmodel`` only.

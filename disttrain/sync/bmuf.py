@@ -26,7 +26,7 @@ and the next block starts from W_g(t), which ``variant`` chooses:
 eta = 0, zeta = 1 is local SGD / periodic model averaging.  ``block_momentum``
 left unset (None, ``null`` in yaml) is 1 - 1/N, CNTK's recommendation, which
 tunes BMUF to match *serial* single-worker SGD; against synchronous all-reduce
-at the same local learning rate it can overshoot (see REFERENCE.md section 2).
+at the same local learning rate it can overshoot (measured: the README's results).
 
 Around the blocks:
 
