@@ -121,6 +121,9 @@ def mpi_cuda_aware() -> bool:
 def _abort(message: str) -> None:
     """Print ``message`` and end every rank of the job (does not return)."""
     print(message, file=sys.stderr, flush=True)
+    # The message sits in a pipe to mpiexec's proxy; Abort tears the proxies down at once,
+    # so give them a moment to forward it, or the user sees the job die without a reason.
+    time.sleep(0.5)
     _mpi().COMM_WORLD.Abort(1)
     os._exit(1)  # MPICH's Abort can return once mpiexec has been told; never run on
 
