@@ -134,6 +134,9 @@ inline uint32_t make_word(int64_t i, float s) {
 
 inline bool finite(float x) { return std::fabs(x) <= FLT_MAX; }
 
+// Only tau leaves the residual, never the whole value: a large entry drains over several steps.
+inline float drain(float s, float tau) { return s < 0.0f ? s + tau : s - tau; }
+
 // ---------------------------------------------------------------- buffers
 
 struct F32 {
@@ -218,7 +221,7 @@ void apply_chunk(const float *__restrict g, float *__restrict r, int64_t b, int6
             for (int64_t j = 0; j < kBlock && k < limit; ++j) {
                 float s = r[i + j];
                 if (std::fabs(s) >= tau) {
-                    r[i + j] = s < 0.0f ? s + tau : s - tau;
+                    r[i + j] = drain(s, tau);
                     out[k++] = make_word(i + j, s);
                 }
             }
@@ -228,7 +231,7 @@ void apply_chunk(const float *__restrict g, float *__restrict r, int64_t b, int6
         float s = r[i] + g[i];
         if (k < limit && std::fabs(s) >= tau) {
             out[k++] = make_word(i, s);
-            s = s < 0.0f ? s + tau : s - tau;
+            s = drain(s, tau);
         }
         r[i] = s;
     }
@@ -266,7 +269,7 @@ int64_t fused_chunk(const float *__restrict g, float *__restrict r, int64_t b, i
                 if (!finite(s)) {
                     if (bad == e) bad = i + j;
                 } else if (std::fabs(s) >= tau) {
-                    r[i + j] = s < 0.0f ? s + tau : s - tau;
+                    r[i + j] = drain(s, tau);
                     out.push_back(make_word(i + j, s));
                 }
             }
@@ -278,7 +281,7 @@ int64_t fused_chunk(const float *__restrict g, float *__restrict r, int64_t b, i
             if (bad == e) bad = i;
         } else if (std::fabs(s) >= tau) {
             out.push_back(make_word(i, s));
-            s = s < 0.0f ? s + tau : s - tau;
+            s = drain(s, tau);
         }
         r[i] = s;
     }
